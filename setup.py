@@ -8,9 +8,8 @@ config = ConfigParser(delimiters=["="])
 config.read(Path(__file__).parent / "settings.ini", encoding="utf-8")
 cfg = config["DEFAULT"]
 
-licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
+licenses = {"apache2": "Apache-2.0"}  # SPDX identifiers
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable"]
-license_name, license_classifier = licenses[cfg["license"]]
 readme = Path(__file__).parent / "README.md"
 
 setuptools.setup(
@@ -21,13 +20,12 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     author=cfg["author"],
     author_email=cfg["author_email"],
-    license=license_name,
+    license=licenses[cfg["license"]],
     url=cfg["git_url"],
     keywords=cfg["keywords"],
     classifiers=[
         "Development Status :: " + statuses[int(cfg["status"]) - 1],
         "Intended Audience :: " + cfg["audience"],
-        "License :: " + license_classifier,
         "Natural Language :: " + cfg["language"],
         "Programming Language :: Python :: 3.11",
     ],

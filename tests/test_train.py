@@ -19,6 +19,8 @@ SCHEMA = ('CREATE TABLE "singer" (\n  "singer_id" INTEGER /* unique id of the si
           '  "age" INTEGER /* age in years */\n);\n\n'
           'CREATE TABLE "concert" (\n  "concert_id" INTEGER /* unique id of the concert */,\n'
           '  "year" INTEGER /* year it took place */\n);')
+SHORT_SCHEMA = ("CREATE TABLE singer (singer_id INTEGER, name TEXT, country TEXT, age INTEGER);\n\n"
+                "CREATE TABLE concert (concert_id INTEGER, year INTEGER);")
 PAIRS = [("How many singers are there?", "SELECT count(*) FROM singer"),
          ("List the names of all singers.", "SELECT name FROM singer"),
          ("Which countries do singers come from?", "SELECT DISTINCT country FROM singer"),
@@ -39,7 +41,7 @@ def tok():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tok) -> Path:
     folder = tmp_path_factory.mktemp("tiny")
-    tiny_qwen2(hidden_size=128, intermediate_size=256).save_pretrained(folder)
+    tiny_qwen2().save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
@@ -182,6 +184,22 @@ def test_training_json_contents(tiny_dir, format_dir, tmp_path):
     assert [h["step"] for h in history if "loss" in h] == [1, 2]
 
 
+class SamplingWatch(TrainerCallback):
+    "Record the Trainer's sampling strategy."
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.strategy = args.train_sampling_strategy
+
+
+@pytest.mark.parametrize("group_by_length, strategy", [(False, "random"), (True, "group_by_length")])
+def test_group_by_length_sets_sampler(tiny_dir, format_dir, tmp_path, group_by_length, strategy):
+    # transformers 5.25 sorts by length within mega-batches of min(batches // 4, 50) batches, so grouping
+    # starts at 8 batches. Four samples only check that the setting reaches the Trainer.
+    watch = SamplingWatch()
+    run_train(tiny_params(tiny_dir, max_steps=1, group_by_length=group_by_length), format_dir, tmp_path / "train",
+              callbacks=(watch,))
+    assert watch.strategy == strategy
+
+
 class CacheWatch(TrainerCallback):
     "Record `use_cache` of the model being trained at each step."
     def __init__(self):
@@ -199,13 +217,17 @@ def test_gradient_checkpointing_turns_cache_off(tiny_dir, format_dir, tmp_path):
     assert config["use_cache"] is True
 
 
-def test_overfit_four_samples(tiny_dir, format_dir, tmp_path):
-    params = tiny_params(tiny_dir, train_method="full", max_steps=40, per_device_batch_size=4, learning_rate=3e-3)
-    summary = run_train(params, format_dir, tmp_path / "train")
+def test_overfit_four_samples(tiny_dir, tmp_path):
+    # Settings found by trial: 64 full fine-tuning steps at lr 3e-2 bring the loss below 0.05.
+    samples = [make_sample(q, sql, SHORT_SCHEMA) for q, sql in PAIRS]
+    write_jsonl(tmp_path / "format" / "train_samples.jsonl", samples)
+    write_jsonl(tmp_path / "format" / "val_samples.jsonl", samples[:1])
+    params = tiny_params(tiny_dir, train_method="full", max_steps=64, per_device_batch_size=4, learning_rate=3e-2)
+    summary = run_train(params, tmp_path / "format", tmp_path / "train")
     assert summary["loss"]["final"] < summary["loss"]["first"]
     loaded = load_model(str(tmp_path / "train" / "model"))
     for question, sql in PAIRS:
-        prompt = prompt_text(loaded.tokenizer, build_messages(SCHEMA, question))
+        prompt = prompt_text(loaded.tokenizer, build_messages(SHORT_SCHEMA, question))
         ids = loaded.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             out = loaded.model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=IM_END_ID,
@@ -366,8 +388,8 @@ def test_ray_checkpoint_to_model_folder(local_ray, tiny_dir, format_dir, tmp_pat
     from ray.train import Checkpoint
 
     run_train(tiny_params(tiny_dir, ray_workers=1, max_steps=1), format_dir, tmp_path / "train")
-    ray_runs = list((tmp_path / "train" / "ray" / "train").glob("checkpoint_*"))
-    assert ray_runs, "Ray stored no checkpoint"
-    info = model_from_ray_checkpoint(Checkpoint.from_directory(str(sorted(ray_runs)[-1])), tmp_path / "again")
+    stored = sorted(p for p in (tmp_path / "train" / "ray" / "train").glob("checkpoint_*") if p.is_dir())
+    assert stored, "Ray stored no checkpoint"
+    info = model_from_ray_checkpoint(Checkpoint.from_directory(str(stored[-1])), tmp_path / "again")
     assert info["name"].endswith("LoRA SFT, 1 step")
     assert load_model(str(tmp_path / "again")).name == info["name"]

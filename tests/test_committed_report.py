@@ -1,9 +1,9 @@
 """The committed report's EX must be reproducible from its own predictions with an independent scorer.
 
-The scorer here shares no code with t2sql_nb.execution: plain sqlite3 in read-only mode, results compared
-as multisets of rows (floats rounded to 6 decimals), in order only when the gold query contains ORDER BY
-(the rule of the Spider test-suite evaluator). Column order is compared as permutations when the row
-multisets differ, as that evaluator does.
+The scorer here shares no code with t2sql_nb.execution. It runs both queries with plain sqlite3 in
+read-only mode and compares results as multisets of rows, with floats rounded to 6 decimals. Row order
+counts only when the gold query contains ORDER BY, the rule of the Spider test-suite evaluator, and
+column permutations are tried as that evaluator does.
 """
 import json
 import sqlite3

@@ -2,9 +2,10 @@
 
 The naive path is `generate_sql`: greedy `model.generate` on one prompt at a time, the way the
 evaluation ran before the batched engine. The batched path is `generate_batch`: questions grouped
-by database, each schema's prompt prefix computed once in a `SchemaPrefixCache`, and the rows of a
-batch decoded together. Both run greedily on the same questions with the same model. They take
-turns batch by batch, so load from other processes on a shared machine falls on both alike.
+by database, each schema's prompt prefix computed once in a `SchemaPrefixCache`, and up to
+`--batch-size` rows decoded together, refilled as rows finish. Both run greedily on the same
+questions with the same model. They take turns database by database, so load from other processes
+on a shared machine falls on both alike.
 
 Forward hooks time every forward pass of the model. A pass over more than one token per row is
 prefill, a pass over one token per row is a decoding step. Token rates count the tokens the
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 from t2sql_nb.core import (T2SQLError, default_data_dir, git_commit, machine_info, package_versions,  # noqa: E402
                            setup_logging, write_json)
 from t2sql_nb.data import load_spider  # noqa: E402
-from t2sql_nb.evaluate import question_batches, read_schemas  # noqa: E402
+from t2sql_nb.evaluate import question_groups, read_schemas  # noqa: E402
 from t2sql_nb.execution import extract_sql  # noqa: E402
 from t2sql_nb.format import build_messages  # noqa: E402
 from t2sql_nb.generation import SchemaPrefixCache, generate_batch, generate_sql  # noqa: E402
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         questions = load_spider(data, args.split, limit=args.limit)
         schemas = read_schemas(questions)
-        batches = question_batches(questions, args.batch_size)
+        groups = question_groups(questions)
         loaded = load_model(args.model)
     except T2SQLError as e:
         print(f"eval_throughput: error: {e}", file=sys.stderr)
@@ -140,21 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     prefix_cache = SchemaPrefixCache(loaded)
     timer = ForwardTimer(loaded.model)
     try:
-        for number, batch in enumerate(batches, 1):
+        for number, group in enumerate(groups, 1):
             start = time.perf_counter()
             new_tokens = 0
-            for i in batch:
+            for i in group:
                 naive_texts[i], _, generated = generate_sql(loaded, messages[i], args.max_new_tokens)
                 new_tokens += generated
             add_totals(naive, time.perf_counter() - start, timer.take(), new_tokens)
 
             start = time.perf_counter()
-            generations = generate_batch(loaded, [messages[i] for i in batch], args.max_new_tokens,
+            generations = generate_batch(loaded, [messages[i] for i in group], args.max_new_tokens,
                                          batch_size=args.batch_size, prefix_cache=prefix_cache)
-            batched_texts.update({i: g.text for i, g in zip(batch, generations)})
+            batched_texts.update({i: g.text for i, g in zip(group, generations)})
             add_totals(batched, time.perf_counter() - start, timer.take(), sum(len(g.token_ids) for g in generations))
-            log.info("batch %d/%d (%d questions of %s): naive %.1f s so far, batched %.1f s so far", number,
-                     len(batches), len(batch), questions[batch[0]].db_id, naive["seconds"], batched["seconds"])
+            log.info("database %d/%d (%d questions of %s): naive %.1f s so far, batched %.1f s so far", number,
+                     len(groups), len(group), questions[group[0]].db_id, naive["seconds"], batched["seconds"])
     finally:
         timer.remove()
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "benchmark": "eval_throughput", "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
         "model": loaded.name, "questions": n, "databases": len({q.db_id for q in questions}),
-        "batches": len(batches), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
         "naive": rates(naive, n), "batched": {**rates(batched, n), "prefix_cache_misses": prefix_cache.misses,
                                               "prefix_cache_hits": prefix_cache.hits,
                                               "prefix_tokens_computed": prefix_cache.computed_tokens},
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "packages": package_versions(("torch", "transformers")), "git_commit": git_commit(),
     }
     write_json(args.out, record)
-    print(f"{n} questions on {record['databases']} databases, {len(batches)} batches of at most {args.batch_size}")
+    print(f"{n} questions on {record['databases']} databases, at most {args.batch_size} rows decoded together")
     for name in ("naive", "batched"):
         r = record[name]
         print(f"{name:>8}: {r['questions_per_s']:.3f} questions/s ({r['seconds_per_question']:.2f} s each), "

@@ -64,7 +64,8 @@ def test_batched_greedy_equals_generate(tiny, batch_size):
     assert [g.finished for g in generations] == [out[-1] in stop_ids for out in expected]
 
 
-def test_batched_rows_stop_at_different_steps(tiny):
+@pytest.mark.parametrize("batch_size", [2, 6])
+def test_batched_rows_stop_at_different_steps(tiny, batch_size):
     messages = [build_messages(SCHEMAS[db], question) for db, question in QUESTIONS]
     no_stop = [plain_generate(tiny, m, 12, set()) for m in messages]
     # Declare tokens that rows 0 and 2 produce early to be end tokens, so rows finish at different steps.
@@ -72,7 +73,7 @@ def test_batched_rows_stop_at_different_steps(tiny):
     expected = [plain_generate(tiny, m, 12, stop_ids) for m in messages]
     assert len({len(out) for out in expected}) > 1
     stop_tokens = tiny.tokenizer.convert_ids_to_tokens(sorted(stop_ids))
-    generations = generate_batch(tiny, messages, 12, batch_size=6, stop_tokens=stop_tokens)
+    generations = generate_batch(tiny, messages, 12, batch_size=batch_size, stop_tokens=stop_tokens)
     assert [g.token_ids for g in generations] == expected
     assert [len(g.token_ids) for g in generations] == [len(out) for out in expected]
 

@@ -129,6 +129,20 @@ def test_truncation_drops_what_cannot_fit(tok):
     assert counts["dropped"] == 1
 
 
+def test_packing_leaks_without_flash_attention():
+    # The reason training pads instead of packing: if this starts failing, packing has become safe on CPU.
+    from transformers import DataCollatorWithFlattening
+
+    model = tiny_qwen2(attn_implementation="sdpa").eval()
+    first, second = list(range(1000, 1030)), list(range(2000, 2020))
+    packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}])
+    with torch.no_grad():
+        alone = model(torch.tensor([second])).logits[0]
+        together = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0, len(first):]
+    assert not torch.allclose(alone, together, atol=1e-4)
+
+
 # ---- precision --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cuda, bf16, expected", [

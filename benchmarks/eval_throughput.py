@@ -6,7 +6,7 @@ by database, each schema's prompt prefix computed once in a `SchemaPrefixCache`,
 `--batch-size` rows decoded together, refilled as rows finish (with the next database's questions
 when one database runs out). Both run greedily on the same questions with the same model. They take
 turns chunk by chunk, the chunks `t2sql eval` uses (consecutive databases joined until a chunk
-holds at least two batches of questions), so load from other processes on a shared machine falls
+contains at least two batches of questions), so load from other processes on a shared machine falls
 on both alike.
 
 Forward hooks time every forward pass of the model. A pass over more than one token per row is

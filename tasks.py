@@ -58,6 +58,30 @@ def ensure_venv() -> None:
     STAMP.write_text(fingerprint + "\n")
 
 
+BROWSER = Path("/usr/bin/chromium")
+SYSTEM_PACKAGES = ("chromium", "fonts-wqy-microhei")  # the demo's browser, and a font for its Chinese labels
+
+
+def ensure_browser() -> None:
+    "Install Chromium and a CJK font with apt-get when Chromium is missing (the demo stage and its test drive it)."
+    if BROWSER.exists():
+        return
+    apt = shutil.which("apt-get")
+    if os.geteuid() == 0:
+        prefix = []
+    elif shutil.which("sudo"):
+        prefix = ["sudo", "-n"]
+    else:
+        prefix = None
+    if apt is None or prefix is None:
+        sys.exit(f"error: Chromium not found at {BROWSER}; install the packages {' '.join(SYSTEM_PACKAGES)} "
+                 "(or your system's Chromium and a Chinese font), then run this command again")
+    print(f"installing {', '.join(SYSTEM_PACKAGES)} with apt-get (Chromium not found at {BROWSER})", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run(*prefix, apt, "update", "-qq", env=env)
+    run(*prefix, apt, "install", "-y", "-qq", *SYSTEM_PACKAGES, env=env)
+
+
 def check_export() -> None:
     "Fail when the committed package or README differs from a fresh export of the notebooks."
     run(BIN / "nbdev_export")
@@ -90,6 +114,8 @@ def main() -> None:
     parser.add_argument("--out", default="reports/latest", help="run folder for `report` (default: reports/latest)")
     args = parser.parse_args()
     ensure_venv()
+    if args.task in ("report", "test"):
+        ensure_browser()
     if args.task == "report":
         run(BIN / "t2sql", "report", "--profile", args.profile, "--out", args.out)
     elif args.task == "export":

@@ -249,7 +249,7 @@ def decoding_settings(params: dict) -> dict:
 
 def _decoding_record(settings: dict) -> dict:
     record = {"strategy": "greedy + self-consistency" if settings["samples"] else "greedy",
-              "engine": "batched by database, schema prefix computed once", **settings}
+              "engine": "batched across databases, each schema prefix computed once", **settings}
     if not settings["samples"]:
         for key in ("temperature", "seed"):
             del record[key]
@@ -263,6 +263,7 @@ def _torch_threads() -> int:
 def run_eval(params: dict, out_dir: str | Path, model: str | None = None, loaded: LoadedModel | None = None) -> dict:
     "Evaluate a model on the profile's Spider split; write predictions.jsonl and metrics.json."
     out_dir = Path(out_dir)
+    commit = git_commit()  # read before the run, because the tree can change during a long one
     sw = Stopwatch()
     settings = decoding_settings(params)
     timeout = float(params.get("sql_timeout", 10.0))
@@ -290,7 +291,7 @@ def run_eval(params: dict, out_dir: str | Path, model: str | None = None, loaded
                "tokens": {name: sum(p[f"{name}_tokens"] for p in preds) for name in ("prompt", "cached", "new")},
                "sql_timeout_s": timeout, "seconds": sw.seconds,
                "seconds_per_question": round(sw.seconds["evaluate"] / max(1, len(preds)), 2),
-               "machine": machine_info(), "torch_threads": _torch_threads(), "git_commit": git_commit()}
+               "machine": machine_info(), "torch_threads": _torch_threads(), "git_commit": commit}
     if settings["samples"]:
         voted = summarize(preds, "voted_match")
         metrics["voted"] = {k: voted[k] for k in ("correct", "ex", "by_hardness", "by_db")}

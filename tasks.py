@@ -106,6 +106,14 @@ def test_env() -> dict:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
+def warn_missing_data() -> None:
+    "Say up front when the data folder is missing, because the tests that read it are then skipped."
+    data = Path(os.environ.get("T2SQL_DATA_DIR") or ROOT.parent / "shared" / "data")
+    if not data.is_dir():
+        print(f"note: data folder {data} not found, so the tests that use the real SynSQL and Spider data "
+              "will be skipped; set T2SQL_DATA_DIR to the data folder to run them", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["report", "test", "export", "venv"],
@@ -124,9 +132,10 @@ def main() -> None:
         render_readme()
     elif args.task == "test":
         check_export()
+        warn_missing_data()
         env = test_env()
         run(BIN / "nbdev_test", "--n_workers", "2", "--timing", env=env)
-        run(BIN / "python", "-m", "pytest", "-q", "tests", env=env)
+        run(BIN / "python", "-m", "pytest", "-q", "-rs", "tests", env=env)
 
 
 if __name__ == "__main__":

@@ -65,4 +65,5 @@ def reference_table(reports_dir: str | Path | None = None) -> pd.DataFrame:
             if "voted" in m:
                 row[f"{level} voted"] = _ex_cell(m["voted"]["by_hardness"].get(level))
         rows.append(row)
-    return pd.DataFrame(rows).set_index("folder") if rows else pd.DataFrame()
+    # A greedy-only evaluation has no voted columns; show them as "-" next to one that has.
+    return pd.DataFrame(rows).set_index("folder").fillna("-") if rows else pd.DataFrame()

@@ -195,10 +195,10 @@ def evaluate_questions(loaded: LoadedModel, questions: list[Question], max_new_t
     prefix_cache = SchemaPrefixCache(loaded)
     preds: dict[int, dict] = {}
     progress = tqdm(total=len(questions), desc=f"eval {loaded.name[:40]}", mininterval=10)
-    for number, group in enumerate(question_chunks(questions, 2 * batch_size)):
+    for number, chunk in enumerate(question_chunks(questions, 2 * batch_size)):
         start = time.perf_counter()
         messages = [build_messages(schemas[questions[i].db_path], questions[i].question, questions[i].evidence)
-                    for i in group]
+                    for i in chunk]
         greedy = generate(loaded, messages, max_new_tokens, temperature=0.0, batch_size=batch_size,
                           prefix_cache=prefix_cache)
         sampled = []
@@ -206,19 +206,19 @@ def evaluate_questions(loaded: LoadedModel, questions: list[Question], max_new_t
             flat = generate(loaded, [m for m in messages for _ in range(samples)], max_new_tokens,
                             temperature=temperature, seed=seed + number, batch_size=batch_size,
                             prefix_cache=prefix_cache)
-            sampled = [flat[k * samples:(k + 1) * samples] for k in range(len(group))]
-        generation_share = (time.perf_counter() - start) / len(group)
+            sampled = [flat[k * samples:(k + 1) * samples] for k in range(len(chunk))]
+        generation_share = (time.perf_counter() - start) / len(chunk)
 
-        for k, i in enumerate(group):
+        for k, i in enumerate(chunk):
             scoring_start = time.perf_counter()
             pred = _prediction(questions[i], greedy[k], timeout)
             if samples:
                 pred.update(_vote_samples(questions[i], pred, [g.text for g in sampled[k]], timeout))
             pred["seconds"] = round(generation_share + time.perf_counter() - scoring_start, 3)
             preds[i] = pred
-        progress.update(len(group))
+        progress.update(len(chunk))
         scored = [p for p in preds.values() if not p["gold_failed"]]
-        databases = list(dict.fromkeys(questions[i].db_id for i in group))
+        databases = list(dict.fromkeys(questions[i].db_id for i in chunk))
         log.info("evaluated %s: %d/%d questions done, EX so far %d/%d", ", ".join(databases), len(preds),
                  len(questions), sum(p["match"] for p in scored), len(scored))
         if on_group is not None:

@@ -329,9 +329,8 @@ def run_grid(grid_path: str | Path, out_dir: str | Path, force: bool = False, on
     runs = grid_runs(grid)
     if only is not None and only not in dict(runs):
         raise T2SQLError(f"--job {only!r}: not a run of {grid_path} (runs: {', '.join(n for n, _ in runs)})")
-    base = load_profile(grid["base"])
-    for _, overrides in runs:
-        check_overrides(base, overrides)  # a misspelt grid parameter fails before the first run starts
+    # Every run's parameters are checked at once, so a misspelt one fails before the first run starts.
+    check_overrides(load_profile(grid["base"]), {key: value for _, overrides in runs for key, value in overrides.items()})
     if not summary_only:
         for i, (name, overrides) in enumerate(runs, 1):
             if only is not None and name != only:

@@ -65,5 +65,5 @@ def reference_table(reports_dir: str | Path | None = None) -> pd.DataFrame:
             if "voted" in m:
                 row[f"{level} voted"] = _ex_cell(m["voted"]["by_hardness"].get(level))
         rows.append(row)
-    # A greedy-only evaluation has no voted columns; show them as "-" next to one that has.
+    # A greedy-only evaluation has no voted columns, so they show "-" beside one that has them.
     return pd.DataFrame(rows).set_index("folder").fillna("-") if rows else pd.DataFrame()
